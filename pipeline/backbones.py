@@ -1,0 +1,321 @@
+"""The backbone table, weights resolution and model construction.
+
+Keras is imported inside the functions that need it, so the command line can
+validate its arguments (an unknown backbone, a missing weights file) before
+paying for importing TensorFlow or JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
+
+_KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+#: Seed of the random weights, so that ``random`` features are reproducible
+#: and a resumed run continues with the same model.
+RANDOM_WEIGHTS_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One row of the backbone table.
+
+    Attributes
+    ----------
+    name : str
+        Name used on the command line and in the output path.
+    module : str
+        ``keras.applications`` submodule holding the constructor and its
+        ``preprocess_input``.
+    constructor : str
+        Name of the constructor in that module.
+    input_size : int
+        Default side of the square input, in pixels.
+    min_input_size : int
+        Smallest side the architecture accepts.
+    n_features : int
+        Width of the globally average-pooled output.
+    preprocessing : str
+        What ``preprocess_input`` does to pixel values in [0, 255].
+    weights_file : str
+        File name Keras downloads for ``weights="imagenet"`` without the top.
+    weights_md5 : str
+        Hash Keras checks after the download ('' where Keras checks none).
+    kwargs : tuple of (str, object)
+        Extra constructor arguments.
+    """
+
+    name: str
+    module: str
+    constructor: str
+    input_size: int
+    min_input_size: int
+    n_features: int
+    preprocessing: str
+    weights_file: str
+    weights_md5: str
+    kwargs: tuple = ()
+
+    @property
+    def weights_url(self) -> str:
+        return f"{_KERAS_WEIGHTS_URL}{self.module}/{self.weights_file}"
+
+
+BACKBONES = {
+    backbone.name: backbone
+    for backbone in [
+        Backbone(
+            name="inception_resnet_v2",
+            module="inception_resnet_v2",
+            constructor="InceptionResNetV2",
+            input_size=299,
+            min_input_size=75,
+            n_features=1536,
+            preprocessing="scale [0, 255] to [-1, 1]",
+            weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_md5="d19885ff4a710c122648d3b5c3b684e4",
+        ),
+        Backbone(
+            name="mobilenet",
+            module="mobilenet",
+            constructor="MobileNet",
+            input_size=224,
+            min_input_size=32,
+            n_features=256,
+            preprocessing="scale [0, 255] to [-1, 1]",
+            weights_file="mobilenet_2_5_224_tf_no_top.h5",
+            weights_md5="",
+            kwargs=(("alpha", 0.25),),
+        ),
+    ]
+}
+
+DEFAULT_BACKBONE = "inception_resnet_v2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """Resolved weights of a backbone.
+
+    Attributes
+    ----------
+    name : str
+        File name of the weights, or ``"random"``.
+    path : Path or None
+        Local file to load, or None for random weights.
+    sha256 : str
+        Digest of the file ('' for random weights).
+    """
+
+    name: str
+    path: Path | None
+    sha256: str
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def get_backbone(name: str) -> Backbone:
+    """Return the table row for ``name``, or raise a PipelineError listing the choices."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise PipelineError(
+            f"Unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}."
+        ) from None
+
+
+def check_input_size(backbone: Backbone, image_size: int | None) -> int:
+    """Return the input side to use, checking it against the architecture's minimum."""
+    if image_size is None:
+        return backbone.input_size
+    if image_size < backbone.min_input_size:
+        raise PipelineError(
+            f"--image-size must be at least {backbone.min_input_size} for "
+            f"{backbone.name}; got {image_size}."
+        )
+    return image_size
+
+
+def keras_cache_dir() -> Path:
+    """Return the folder where Keras caches downloaded weights (honours KERAS_HOME)."""
+    keras_home = os.environ.get("KERAS_HOME")
+    if keras_home:
+        return Path(keras_home).expanduser() / "models"
+    return Path("~/.keras/models").expanduser()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_failed_message(backbone: Backbone, reason: str) -> str:
+    cache = keras_cache_dir()
+    return (
+        f"Could not download the ImageNet weights of {backbone.name} ({reason}). "
+        f"Keras expects the file {backbone.weights_file} from {backbone.weights_url}. "
+        f"Download it on a machine with internet access and put it in {cache} "
+        f"(set KERAS_HOME to use another cache folder), or pass the file directly "
+        f"with WEIGHTS=path/to/{backbone.weights_file} (--weights on the command "
+        f"line). No features were written."
+    )
+
+
+def resolve_weights(backbone: Backbone, weights: str) -> Weights:
+    """Find the weights file for ``weights`` ('imagenet', a path or 'random').
+
+    For 'imagenet' the file is taken from the Keras cache, downloading it
+    there first if needed. Random weights are used only when asked for by
+    name; a failed download raises instead.
+
+    Raises
+    ------
+    PipelineError
+        If the weights file is missing, or the download fails.
+    """
+    if weights == "random":
+        return Weights(name="random", path=None, sha256="")
+
+    if weights == "imagenet":
+        cached = keras_cache_dir() / backbone.weights_file
+        if not cached.is_file():
+            cached = _download_weights(backbone)
+        return Weights(name=backbone.weights_file, path=cached, sha256=sha256_of(cached))
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise PipelineError(
+            f"Weights file not found: {path}. Pass 'imagenet', 'random' or the "
+            f"path of an existing .h5 file for {backbone.name}."
+        )
+    return Weights(name=path.name, path=path.resolve(), sha256=sha256_of(path))
+
+
+def _download_weights(backbone: Backbone) -> Path:
+    """Download the ImageNet weights into the Keras cache through Keras."""
+    from keras.utils import get_file
+
+    cache = keras_cache_dir()
+    logger.info("downloading %s into %s", backbone.weights_url, cache)
+    try:
+        path = get_file(
+            backbone.weights_file,
+            backbone.weights_url,
+            cache_subdir="models",
+            cache_dir=str(cache.parent),
+            file_hash=backbone.weights_md5 or None,
+        )
+    except Exception as error:  # Keras raises bare Exception for network and hash failures.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(_download_failed_message(backbone, reason)) from None
+    return Path(path)
+
+
+def resolve_precision(precision: str) -> str:
+    """Turn 'auto' into 'bfloat16' on a GPU and 'float32' otherwise."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise PipelineError(f"--precision must be auto, float32 or bfloat16; got {precision!r}.")
+    if precision != "auto":
+        return precision
+    return "bfloat16" if gpu_available() else "float32"
+
+
+def gpu_available() -> bool:
+    """Return whether the Keras backend sees a GPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return any(device.platform == "gpu" for device in jax.devices())
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def build_model(backbone: Backbone, weights: Weights, image_size: int, precision: str):
+    """Build the backbone as a Keras model from uint8 pixels to pooled features.
+
+    The model takes a batch of shape (n, image_size, image_size, 3), dtype
+    uint8, applies the backbone's ``preprocess_input`` and returns float32
+    features of shape (n, n_features). Under ``precision="bfloat16"`` the
+    layers compute in bfloat16 with float32 variables.
+    """
+    import importlib
+
+    import keras
+
+    policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        if weights.is_random:
+            keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
+        application = importlib.import_module(f"keras.applications.{backbone.module}")
+        constructor = getattr(application, backbone.constructor)
+        network = constructor(
+            include_top=False,
+            weights=None,
+            input_shape=(image_size, image_size, 3),
+            pooling="avg",
+            **dict(backbone.kwargs),
+        )
+        if weights.path is not None:
+            _load_weights(network, weights, backbone)
+
+        pixels = keras.Input((image_size, image_size, 3), dtype="uint8", name="pixels")
+        # Scaling runs in float32 because bfloat16 cannot represent every pixel value.
+        scaled = _preprocess_layer()(application.preprocess_input, dtype="float32")(pixels)
+        pooled = network(scaled)
+        outputs = keras.layers.Activation("linear", dtype="float32", name="features")(pooled)
+        return keras.Model(pixels, outputs, name=f"{backbone.name}_features")
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _load_weights(network, weights: Weights, backbone: Backbone) -> None:
+    try:
+        network.load_weights(str(weights.path))
+    except Exception as error:  # Keras raises ValueError, KeyError or OSError by format.
+        raise PipelineError(
+            f"Could not load weights {weights.path} into {backbone.name}: {error}. "
+            f"The file must be Keras weights for {backbone.constructor} without "
+            f"its top (include_top=False), such as {backbone.weights_file}."
+        ) from None
+
+
+@functools.cache
+def _preprocess_layer():
+    """Return a layer class that casts uint8 pixels and applies ``preprocess_input``."""
+    import keras
+
+    class Preprocess(keras.layers.Layer):
+        def __init__(self, function, **kwargs):
+            super().__init__(**kwargs)
+            self.function = function
+
+        def call(self, inputs):
+            return self.function(keras.ops.cast(inputs, self.compute_dtype))
+
+    return Preprocess
