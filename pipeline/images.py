@@ -114,6 +114,8 @@ def decode_image(data: bytes, size: int, flip: bool = False) -> tuple[np.ndarray
             ImageFile.LOAD_TRUNCATED_IMAGES = True
             try:
                 image = _open_image(data, size)
+            except _TruncatedError:
+                raise DecodeError("truncated and undecodable") from None
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 raise DecodeError(f"truncated and undecodable ({error})") from None
             finally:
@@ -139,14 +141,14 @@ def _open_image(data: bytes, size: int) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow warns about odd EXIF or ICC chunks that it can read anyway.
         warnings.simplefilter("ignore")
-        image = Image.open(io.BytesIO(data))
-        # JPEG only: decode at a reduced DCT scale that is still at least
-        # the target size, which is several times faster for large photos.
-        image.draft("RGB", (size, size))
         try:
+            image = Image.open(io.BytesIO(data))
+            # JPEG only: decode at a reduced DCT scale that is still at least
+            # the target size, which is several times faster for large photos.
+            image.draft("RGB", (size, size))
             image.load()
-        except OSError as error:
-            if "truncated" in str(error) or "broken data stream" in str(error):
+        except (OSError, SyntaxError) as error:
+            if "truncated" in str(error).lower() or "broken data stream" in str(error):
                 raise _TruncatedError() from None
             raise
         image = ImageOps.exif_transpose(image)
