@@ -7,11 +7,13 @@ paying for importing TensorFlow or JAX.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -234,15 +236,41 @@ def resolve_precision(precision: str) -> str:
     return "bfloat16" if gpu_available() else "float32"
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null unless debug logging is on.
+
+    TensorFlow 2.21 writes start-up notices (oneDNN, missing CUDA drivers)
+    from C++ before its logging honours TF_CPP_MIN_LOG_LEVEL, so that
+    variable alone does not hide them. Only the import and the device
+    listing run inside this block.
+    """
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@functools.cache
 def gpu_available() -> bool:
-    """Return whether the Keras backend sees a GPU."""
-    import keras
+    """Return whether the Keras backend sees a GPU (imports Keras on first call)."""
+    with _native_stderr_silenced():
+        import keras
 
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
 
-        return bool(tf.config.list_physical_devices("GPU"))
+            return bool(tf.config.list_physical_devices("GPU"))
     if backend == "jax":
         import jax
 

@@ -13,8 +13,8 @@ A feature file is an HDF5 file with
 
 and attributes that record where the features come from (see
 :data:`PROVENANCE_ATTRS`). Later stages accept any HDF5 file with ``ids`` and
-``features``; attributes are optional there, but a file whose ``complete``
-attribute is false is rejected because a run is still writing it or was
+``features``, and attributes are optional there. A file whose ``complete``
+attribute is false is rejected, because a run is still writing it or was
 interrupted.
 """
 

@@ -153,9 +153,9 @@ def plan_requests(args) -> list[FeatureRequest]:
         raise PipelineError(f"--workers must be a positive integer; got {args.workers}.")
 
     sources = _list_sources(args, backbone)
+    on_gpu = backbone_table.gpu_available()
     weights = backbone_table.resolve_weights(backbone, args.weights)
     precision = backbone_table.resolve_precision(args.precision)
-    on_gpu = backbone_table.gpu_available()
     batch_size = args.batch_size or (256 if on_gpu else 32)
     workers = args.workers or os.cpu_count() or 1
 

@@ -1,7 +1,7 @@
 """Find images and decode them into fixed-size RGB arrays.
 
 Decoding uses Pillow, which reads JPEG, PNG, BMP, GIF, TIFF and WebP
-whatever the file extension says, and releases the GIL while it decodes
+by their content, whatever the file extension, and releases the GIL while it decodes
 and resizes, so a thread pool decodes in parallel with the model.
 """
 
@@ -51,7 +51,7 @@ def list_images(folder: str | Path) -> list[ImageRef]:
     Raises
     ------
     PipelineError
-        If the folder is missing, holds no images, or two files share an id.
+        If the folder is missing, contains no images, or two files share an id.
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -15,9 +15,9 @@ hidden folder ``features/<backbone>/.train.h5.partial/``:
     ``index<TAB>id<TAB>reason`` for each skipped image.
 
 Appends to regular files survive ``kill -9`` up to the last completed
-``write``; on resume both files are cut back to the last whole batch, so the
-resumed run recomputes exactly the batches it would have computed without the
-interruption and ends with identical features. A machine crash (power loss)
+``write``. On resume both files are cut back to the last whole batch. The
+resumed run then computes the same batches as an uninterrupted run would, so
+it ends with identical features. A machine crash (power loss)
 may lose more, because the files are not fsynced after every batch.
 """
 

@@ -339,7 +339,7 @@ def test_bad_images_are_skipped_and_recorded(kaggle_layout, tmp_path, caplog):
     assert skipped_file.read_text().splitlines()[0] == "empty\tempty file"
     assert skipped_file.read_text().splitlines()[1].startswith("garbage\tcannot decode")
     assert f"empty ({train / 'empty.jpg'}): skipped: empty file" in caplog.text
-    assert "cut (" in caplog.text and "truncated file, decoded partially" in caplog.text
+    assert f"cut ({train / 'cut.jpg'}): truncated file, decoded partially" in caplog.text
     assert f"2 of 17 images could not be decoded and were skipped; they are listed in {skipped_file}" in caplog.text
     assert "15 computed" not in summary.describe()
     assert summary.describe().startswith(f"{summary.output}: 17 images, 2 skipped, 17 computed in ")
