@@ -65,6 +65,18 @@ def _add_features_parser(subparsers) -> None:
         help="test-time augmentation: flip averages each image's embedding with its mirror's (default: %(default)s)",
     )
     parser.add_argument("--engine", default="local", choices=["local", "ray"], help="local process or a Ray cluster (default: %(default)s)")
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        help="Ray engine: model actors in the pool (default: one per GPU of the cluster; "
+        "without GPUs, the cluster's CPUs divided by --ray-cpus-per-worker)",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        help="Ray engine: CPUs reserved for each decoding task and each CPU model actor, "
+        "which also sets a CPU actor's TensorFlow threads (default: 1)",
+    )
     parser.add_argument("--force", action="store_true", help="recompute existing or partial outputs that do not match")
     parser.set_defaults(handler=_run_features)
 
@@ -119,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Other libraries log only warnings; this package's progress is INFO.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.handler(args)
     except PipelineError as error:

@@ -72,6 +72,11 @@ class FeatureRequest:
         Recompute even when an output or a partial run does not match.
     engine : str
         ``local`` or ``ray``.
+    ray_actors : int or None
+        Ray engine: model actors in the pool (None: chosen from the cluster).
+    ray_cpus_per_worker : float or None
+        Ray engine: CPUs reserved per decoding task and per CPU model actor
+        (None: 1).
     """
 
     name: str
@@ -86,6 +91,8 @@ class FeatureRequest:
     workers: int
     force: bool = False
     engine: str = "local"
+    ray_actors: int | None = None
+    ray_cpus_per_worker: float | None = None
 
     def provenance(self) -> dict:
         """Return the HDF5 attributes that describe this run's features."""
@@ -151,6 +158,10 @@ def plan_requests(args) -> list[FeatureRequest]:
         raise PipelineError(f"--batch-size must be a positive integer; got {args.batch_size}.")
     if args.workers is not None and args.workers < 1:
         raise PipelineError(f"--workers must be a positive integer; got {args.workers}.")
+    if getattr(args, "engine", "local") == "ray":
+        from pipeline import ray_engine
+
+        ray_engine.check_args(args)
 
     sources = _list_sources(args, backbone)
     on_gpu = backbone_table.gpu_available()
@@ -173,6 +184,8 @@ def plan_requests(args) -> list[FeatureRequest]:
             workers=workers,
             force=args.force,
             engine=getattr(args, "engine", "local"),
+            ray_actors=getattr(args, "ray_actors", None),
+            ray_cpus_per_worker=getattr(args, "ray_cpus_per_worker", None),
         )
         for name, refs, output in sources
     ]
@@ -183,6 +196,11 @@ def plan_requests(args) -> list[FeatureRequest]:
 
 def _list_sources(args, backbone) -> list[tuple[str, list, Path]]:
     """Return (name, images, output) for each folder to process."""
+    if getattr(args, "engine", "local") == "ray":
+        from pipeline import ray_engine
+
+        if ray_engine.is_uri(args.images or args.data):
+            return ray_engine.list_uri_sources(args, backbone)
     features_root = Path(args.features)
     if args.images:
         folder = Path(args.images)
@@ -322,17 +340,7 @@ def compute_features(
 
             return ray_engine.compute_features(request, progress=progress)
 
-        manifest = {**request.provenance(), "batch_size": request.batch_size, "n_features": request.backbone.n_features}
-        previous = journal.Journal.read_manifest(request.output)
-        resume = bool(previous) and not request.force
-        if resume:
-            # Resume with the interrupted run's batches so the features are identical.
-            manifest["batch_size"] = int(previous["batch_size"])
-        run_journal = journal.Journal(request.output, manifest, len(request.refs))
-        done = run_journal.start(resume=resume)
-        if done:
-            logger.info("%s: resuming after %d of %d images", request.output, done, len(request.refs))
-
+        run_journal, done = start_journal(request)
         try:
             if done < len(request.refs):
                 model = (models or ModelCache()).get(request)
@@ -344,6 +352,25 @@ def compute_features(
 
     seconds = time.perf_counter() - started
     return Summary(request.output, len(request.refs), len(request.refs) - done, len(skipped), seconds)
+
+
+def start_journal(request: FeatureRequest) -> tuple[journal.Journal, int]:
+    """Open the journal of a request and return it with the number of images already done.
+
+    A partial run left by either engine is resumed unless ``request.force``
+    is set; the caller holds the output lock.
+    """
+    manifest = {**request.provenance(), "batch_size": request.batch_size, "n_features": request.backbone.n_features}
+    previous = journal.Journal.read_manifest(request.output)
+    resume = bool(previous) and not request.force
+    if resume:
+        # Resume with the interrupted run's batches so the features are identical.
+        manifest["batch_size"] = int(previous["batch_size"])
+    run_journal = journal.Journal(request.output, manifest, len(request.refs))
+    done = run_journal.start(resume=resume)
+    if done:
+        logger.info("%s: resuming after %d of %d images", request.output, done, len(request.refs))
+    return run_journal, done
 
 
 def _run_batches(request, model, run_journal, start, progress) -> None:
@@ -369,26 +396,74 @@ def _run_batches(request, model, run_journal, start, progress) -> None:
         for batch_start in range(start, len(refs), batch_size):
             batch_refs = refs[batch_start : batch_start + batch_size]
             pixels = np.zeros((batch_size, request.image_size, request.image_size, 3), dtype=np.uint8)
-            status = np.full(batch_size, journal.OK, dtype=np.uint8)[: len(batch_refs)]
-            skipped = []
-            for offset, ref in enumerate(batch_refs):
-                future = pending.popleft()
-                try:
-                    pixels[offset], note = future.result()
-                except images.DecodeError as error:
-                    status[offset] = journal.SKIPPED
-                    skipped.append((batch_start + offset, ref.id, str(error)))
-                    warned = _warn_image(warned, ref, f"skipped: {error}")
-                    continue
-                if note:
-                    warned = _warn_image(warned, ref, note)
+            reasons, notes = [], []
+            for offset in range(len(batch_refs)):
+                reason, note = decode_into(pixels, offset, pending.popleft().result)
+                reasons.append(reason)
+                notes.append(note)
             refill()
 
-            rows = _embed_batch(model, pixels, flip)[: len(batch_refs)]
-            rows[status == journal.SKIPPED] = 0.0
-            run_journal.append(batch_start, rows, status, skipped)
+            rows = embed_decoded(model, pixels, reasons, batch_size, flip)
+            warned = record_batch(run_journal, batch_start, batch_refs, rows, reasons, notes, warned)
             if progress is not None:
                 progress(batch_start + len(batch_refs), len(refs))
+
+
+def decode_into(pixels: np.ndarray, offset: int, decode: Callable[[], tuple]) -> tuple[str, str]:
+    """Store one decoded image in ``pixels[offset]`` and return (skip reason, note).
+
+    ``decode`` returns (pixels, note) or raises DecodeError. The reason is ''
+    when the image was decoded, and the note is '' when it has none; a
+    skipped image leaves its row of ``pixels`` unchanged.
+    """
+    try:
+        pixels[offset], note = decode()
+    except images.DecodeError as error:
+        return str(error), ""
+    return "", note or ""
+
+
+def embed_decoded(model, pixels: np.ndarray, reasons, batch_size: int, flip: bool) -> np.ndarray:
+    """Return the float32 features of one batch, with zero rows for skipped images.
+
+    Parameters
+    ----------
+    pixels : ndarray of uint8, shape (n, size, size, 3)
+        Padded with zeros to ``batch_size`` rows, so that every model call
+        has the same shape.
+    reasons : sequence of str, length n
+        Skip reason of each image ('' when decoded).
+
+    Returns
+    -------
+    ndarray of float32, shape (n, n_features)
+    """
+    count = len(reasons)
+    if len(pixels) < batch_size:
+        padded = np.zeros((batch_size, *pixels.shape[1:]), dtype=np.uint8)
+        padded[:count] = pixels[:count]
+        pixels = padded
+    rows = _embed_batch(model, pixels, flip)[:count]
+    rows[np.asarray([bool(reason) for reason in reasons], dtype=bool)] = 0.0
+    return rows
+
+
+def record_batch(run_journal, batch_start: int, batch_refs, rows, reasons, notes, warned: int) -> int:
+    """Append one batch to the journal and log its image problems.
+
+    Returns the number of images warned about so far, ``warned`` included.
+    """
+    status = np.full(len(batch_refs), journal.OK, dtype=np.uint8)
+    skipped = []
+    for offset, ref in enumerate(batch_refs):
+        if reasons[offset]:
+            status[offset] = journal.SKIPPED
+            skipped.append((batch_start + offset, ref.id, str(reasons[offset])))
+            warned = _warn_image(warned, ref, f"skipped: {reasons[offset]}")
+        elif notes[offset]:
+            warned = _warn_image(warned, ref, str(notes[offset]))
+    run_journal.append(batch_start, rows, status, skipped)
+    return warned
 
 
 def _embed_batch(model, pixels: np.ndarray, flip: bool) -> np.ndarray:

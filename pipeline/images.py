@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 
@@ -121,6 +121,8 @@ def decode_image(data: bytes, size: int, flip: bool = False) -> tuple[np.ndarray
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = False
         note = "truncated file, decoded partially"
+    except UnidentifiedImageError:
+        raise DecodeError("cannot decode (not an image format that Pillow reads)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DecodeError(f"cannot decode ({error})") from None
 
