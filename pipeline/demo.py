@@ -1,5 +1,8 @@
 """``make demo``: the main job on a small generated sample, offline.
 
+Runs features, train (logreg and LightGBM, 2 folds) and submit, then checks
+the submissions.
+
 The sample is in the Kaggle Dog Breed Identification layout, with a few
 "breeds" of synthetic pictures. The backbone runs with random weights, so
 the demo proves that an installation works end to end; it does not classify
@@ -96,5 +99,15 @@ def run(workdir: str | Path) -> int:
     )
     if status != 0:
         return status
-    print("Demo finished: features are in", features / "inception_resnet_v2")
+
+    from pipeline import demo_models
+
+    status = demo_models.run_train_and_submit(data, features, workdir / "models", workdir, backbone="inception_resnet_v2")
+    if status != 0:
+        return status
+    print(
+        f"Demo finished: features in {features / 'inception_resnet_v2'}, runs and reports in "
+        f"{workdir / 'models'}, validated submissions {workdir / 'submission-logreg.csv'} and "
+        f"{workdir / 'submission-lightgbm.csv'}."
+    )
     return 0

@@ -119,7 +119,7 @@ def load_feature_set(features_dir: str | Path, backbones: list[str], split: str)
         recorded = feature_file.attrs.get("backbone")
         if recorded and recorded != backbone:
             raise PipelineError(
-                f"{path} holds features of backbone {recorded!r}, not {backbone!r} as "
+                f"{path} contains features of backbone {recorded!r}, not {backbone!r} as "
                 f"its folder says. Move it to {feature_path(features_dir, recorded, split)} "
                 f"or recompute it with 'make features BACKBONE={backbone}'."
             )

@@ -19,10 +19,10 @@ MAX_LISTED = 5
 def format_examples(values, limit: int = MAX_LISTED) -> str:
     """Join the first ``limit`` values for a message, noting how many more there are."""
     values = [str(value) for value in values]
-    shown = ", ".join(values[:limit])
+    text = ", ".join(values[:limit])
     if len(values) > limit:
-        shown += f", ... ({len(values) - limit} more)"
-    return shown
+        text += f", ... ({len(values) - limit} more)"
+    return text
 
 
 def read_labels(path: str | os.PathLike) -> pd.DataFrame:

@@ -117,7 +117,7 @@ def source_differences(expected: list[dict], found: list[dict]) -> list[str]:
     """Describe how the found feature sources differ from the expected ones.
 
     Backbones and widths must be equal. A provenance attribute is compared
-    when both sides record it; one recorded on only one side is logged as a
+    when both sides record it. One recorded on only one side is logged as a
     warning, because files written by other programs carry no attributes.
     """
     expected_names = [source["backbone"] for source in expected]

@@ -46,11 +46,12 @@ EXPERIMENT_COLUMNS = [
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What to train and where to write it.
+    """Training settings: the inputs, the classifier and the output folder.
 
-    ``params`` holds the parameters given on the command line; the others
+    ``params`` contains the parameters given on the command line; the others
     keep their defaults from :data:`pipeline.classifiers.CLASSIFIERS`.
-    ``threads`` is the number of CPU threads for LightGBM, 0 for all cores.
+    ``jobs`` is the number of folds fitted at once in worker processes, 0
+    for one per CPU core.
     """
 
     data: Path
@@ -62,7 +63,7 @@ class TrainConfig:
     folds: int = 5
     seed: int = 0
     params: dict = dataclasses.field(default_factory=dict)
-    threads: int = 0
+    jobs: int = 0
 
 
 @dataclasses.dataclass
@@ -173,12 +174,30 @@ def load_training_data(data: Path, features: Path, backbones: list[str]) -> Trai
 def check_folds(data: TrainingData, folds: int) -> None:
     counts = np.bincount(data.labels, minlength=len(data.classes))
     small = [f"{data.classes[k]} ({counts[k]})" for k in np.flatnonzero(counts < folds)]
-    if small:
-        raise PipelineError(
-            f"{len(small)} breeds have fewer labelled images than the {folds} folds of "
-            f"stratified cross-validation: {format_examples(small)}. Lower FOLDS (--folds) "
-            f"to at most {int(counts.min())}, or add images of those breeds."
-        )
+    if not small:
+        return
+    if counts.min() >= 2:
+        fix = f"Lower FOLDS (--folds) to at most {int(counts.min())}, or add images of those breeds."
+    else:
+        fix = "Add images of those breeds, or delete their rows from labels.csv."
+    raise PipelineError(
+        f"{len(small)} breeds have fewer labelled images than the {folds} folds of "
+        f"stratified cross-validation: {format_examples(small)}. {fix}"
+    )
+
+
+def resolve_jobs(jobs: int) -> int:
+    """Return the number of parallel fits: ``jobs``, or the number of CPU cores for 0."""
+    import joblib
+
+    if jobs < 0:
+        raise PipelineError(f"--jobs must be 0 (one per CPU core) or more; got {jobs}.")
+    return jobs or joblib.cpu_count()
+
+
+# Below this many matrix cells, starting worker processes costs more than
+# fitting the folds one after another.
+_PARALLEL_MIN_CELLS = 2_000_000
 
 
 def cross_validate(
@@ -187,9 +206,12 @@ def cross_validate(
     params: dict,
     folds: int,
     seed: int,
-    threads: int = 0,
+    jobs: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Fit and score one model per fold.
+    """Fit and score one model per fold, ``jobs`` folds at a time.
+
+    Parallel folds run in worker processes; joblib limits the BLAS threads
+    of each worker to its share of the cores.
 
     Returns
     -------
@@ -202,28 +224,40 @@ def cross_validate(
         Per fold: ``fold``, ``log_loss``, ``accuracy``, ``seconds`` and what
         the model's ``fit`` returned (iterations or rounds).
     """
+    import joblib
     from sklearn.metrics import accuracy_score, log_loss
     from sklearn.model_selection import StratifiedKFold
 
+    jobs = resolve_jobs(jobs)
     n_classes = len(data.classes)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = list(splitter.split(data.features, data.labels))
+
+    jobs = min(folds, jobs) if data.features.size >= _PARALLEL_MIN_CELLS else 1
+    tasks = (
+        joblib.delayed(_fit_fold)(
+            classifier, params, seed, data.features, data.labels, n_classes, train_rows, test_rows
+        )
+        for train_rows, test_rows in splits
+    )
+    # The generator yields each fold as soon as it and the folds before it
+    # finish, so the log shows progress during long LightGBM runs.
+    results = joblib.Parallel(n_jobs=jobs, return_as="generator")(tasks)
+
     oof = np.zeros((len(data.labels), n_classes), dtype=np.float64)
     fold_of_row = np.zeros(len(data.labels), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold_metrics = []
-    for fold, (train_rows, test_rows) in enumerate(splitter.split(data.features, data.labels), start=1):
-        started = time.perf_counter()
-        model = classifiers.build_classifier(classifier, params, seed=seed, threads=threads)
-        info = model.fit(data.features[train_rows], data.labels[train_rows], n_classes)
-        oof[test_rows] = model.predict_proba(data.features[test_rows])
+    for fold, ((_, test_rows), (probabilities, info, seconds)) in enumerate(zip(splits, results), start=1):
+        oof[test_rows] = probabilities
         fold_of_row[test_rows] = fold
-        seconds = time.perf_counter() - started
-
         metrics = {
             "fold": fold,
-            "log_loss": float(log_loss(data.labels[test_rows], oof[test_rows], labels=np.arange(n_classes))),
-            "accuracy": float(accuracy_score(data.labels[test_rows], oof[test_rows].argmax(axis=1))),
+            "log_loss": float(log_loss(data.labels[test_rows], probabilities, labels=np.arange(n_classes))),
+            "accuracy": float(accuracy_score(data.labels[test_rows], probabilities.argmax(axis=1))),
             "seconds": seconds,
         }
+        if "warning" in info:
+            logger.warning("fold %d: %s", fold, info.pop("warning"))
         metrics.update({key: value for key, value in info.items() if key != "seconds"})
         fold_metrics.append(metrics)
         logger.info(
@@ -236,6 +270,14 @@ def cross_validate(
             seconds,
         )
     return oof, fold_of_row, fold_metrics
+
+
+def _fit_fold(classifier, params, seed, features, labels, n_classes, train_rows, test_rows):
+    started = time.perf_counter()
+    model = classifiers.build_classifier(classifier, params, seed=seed)
+    info = model.fit(features[train_rows], labels[train_rows], n_classes)
+    probabilities = model.predict_proba(features[test_rows])
+    return probabilities, info, time.perf_counter() - started
 
 
 def _describe_fit(info: dict) -> str:
@@ -257,7 +299,10 @@ def summarize(fold_metrics: list[dict]) -> dict:
 
 def format_metrics_table(fold_metrics: list[dict], summary: dict) -> str:
     """Return the per-fold and mean ± std metrics as a plain-text table."""
-    extra = "rounds" if "rounds" in fold_metrics[0] else "iterations" if "iterations" in fold_metrics[0] else None
+    extra = None
+    for key in ("rounds", "iterations"):
+        if key in fold_metrics[0]:
+            extra = key
     header = f"{'fold':>6}  {'log loss':>15}  {'accuracy':>15}  {'seconds':>8}"
     if extra:
         header += f"  {extra:>10}"
@@ -296,15 +341,17 @@ def train(config: TrainConfig) -> TrainResult:
 
     started = time.perf_counter()
     oof, fold_of_row, fold_metrics = cross_validate(
-        data, config.classifier, params, config.folds, config.seed, config.threads
+        data, config.classifier, params, config.folds, config.seed, config.jobs
     )
     summary = summarize(fold_metrics)
 
     rounds = classifiers.final_rounds(config.classifier, fold_metrics)
     final_started = time.perf_counter()
-    model = classifiers.build_classifier(config.classifier, params, seed=config.seed, threads=config.threads)
+    model = classifiers.build_classifier(config.classifier, params, seed=config.seed)
     final_info = model.fit(data.features, data.labels, len(data.classes), rounds=rounds)
     final_seconds = time.perf_counter() - final_started
+    if "warning" in final_info:
+        logger.warning("final model: %s", final_info.pop("warning"))
     fit_seconds = time.perf_counter() - started
     logger.info("final model on all %d images: %s, %.1f s", len(data.labels), _describe_fit(final_info), final_seconds)
 
@@ -321,7 +368,7 @@ def train(config: TrainConfig) -> TrainResult:
         "params": params,
         "folds": config.folds,
         "seed": config.seed,
-        "threads": config.threads,
+        "jobs": config.jobs,
         "final_rounds": rounds,
     }
     cv = {
@@ -332,21 +379,7 @@ def train(config: TrainConfig) -> TrainResult:
         "final_fit_seconds": final_seconds,
         "fit_seconds": fit_seconds,
     }
-    counts = np.bincount(data.labels, minlength=len(data.classes))
-    bundle = {
-        "format": model_bundle.BUNDLE_FORMAT,
-        "run": run,
-        "classifier": config.classifier,
-        "model": model,
-        "classes": list(data.classes),
-        "sources": data.sources,
-        "class_frequencies": (counts / counts.sum()).tolist(),
-        "n_train": int(len(data.labels)),
-        "config": resolved,
-        "cv": cv,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _library_versions(),
-    }
+    bundle = make_bundle(run, config.classifier, model, data, resolved, cv)
     model_bundle.save_bundle(run_dir, bundle)
     write_oof(run_dir / "oof.csv", data, oof, fold_of_row)
     report_path = report.write_report(
@@ -369,6 +402,25 @@ def train(config: TrainConfig) -> TrainResult:
         fit_seconds=fit_seconds,
         report_path=report_path,
     )
+
+
+def make_bundle(run: str, classifier: str, model, data: TrainingData, config: dict, cv: dict) -> dict:
+    """Return the model bundle described in :mod:`pipeline.model_bundle`."""
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    return {
+        "format": model_bundle.BUNDLE_FORMAT,
+        "run": run,
+        "classifier": classifier,
+        "model": model,
+        "classes": list(data.classes),
+        "sources": data.sources,
+        "class_frequencies": (counts / counts.sum()).tolist(),
+        "n_train": int(len(data.labels)),
+        "config": config,
+        "cv": cv,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _library_versions(),
+    }
 
 
 def _overall_log_loss(labels: np.ndarray, oof: np.ndarray) -> float:

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import make_layout, shared_dir, write_picture
+from conftest import SimulatedCrash, crash_after, make_layout, shared_dir, write_picture
 from pipeline import backbones, cli, feature_files, features, images, journal
 from pipeline.errors import PipelineError
 
@@ -134,23 +134,6 @@ def test_bfloat16_is_recorded_and_close(kaggle_layout, tmp_path):
         np.linalg.norm(f32.features, axis=1) * np.linalg.norm(bf16.features, axis=1)
     )
     assert cosine.min() > 0.9
-
-
-class SimulatedCrash(Exception):
-    pass
-
-
-def crash_after(monkeypatch, batches):
-    original = journal.Journal.append
-    calls = {"n": 0}
-
-    def append(self, *args, **kwargs):
-        if calls["n"] == batches:
-            raise SimulatedCrash()
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(journal.Journal, "append", append)
 
 
 @pytest.mark.parametrize("batches_before_crash", [0, 1, 2])

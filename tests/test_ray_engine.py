@@ -17,16 +17,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="Ray is not installed; 'pip install -r requirements-ray.txt' runs these tests")
 pytest.importorskip("ray.data", reason="Ray Data is not installed; 'pip install -r requirements-ray.txt' runs these tests")
 
-from conftest import make_layout, write_picture  # noqa: E402
+from conftest import SimulatedCrash, crash_after, make_layout, write_picture  # noqa: E402
 from pipeline import backbones, cli, feature_files, features, journal, ray_engine  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 BATCH = 4
 N_TRAIN = 18  # plus two bad images and a truncated one: 21 images, six batches
-
-
-class SimulatedCrash(Exception):
-    pass
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,21 +236,8 @@ def test_duplicate_ids_in_uri_folder_fail(tmp_path):
 # --- resuming ---------------------------------------------------------------------
 
 
-def crash_local_after(monkeypatch, batches):
-    original = journal.Journal.append
-    calls = {"n": 0}
-
-    def append(self, *args, **kwargs):
-        if calls["n"] == batches:
-            raise SimulatedCrash()
-        calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(journal.Journal, "append", append)
-
-
 def test_ray_resumes_partial_local_run(data, local_run, tmp_path, monkeypatch):
-    crash_local_after(monkeypatch, 2)
+    crash_after(monkeypatch, 2)
     with pytest.raises(SimulatedCrash):
         run_stage(data, tmp_path / "out", "local", "--splits", "train")
     monkeypatch.undo()
