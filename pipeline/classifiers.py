@@ -62,7 +62,7 @@ class Parameter:
 # The defaults were chosen for low log loss on 1280-d ImageNet embeddings
 # (efficientnet_lite0) of 2,400 dog photos of 120 breeds. C and tol were
 # compared by 5-fold CV log loss, the LightGBM settings on one 80/20 split.
-# docs/train_submit.md lists the resulting CV numbers.
+# docs/classifier-results.md lists the resulting CV numbers.
 LOGREG_PARAMETERS = (
     Parameter("C", float, 0.1, "inverse L2 regularization strength of logreg", minimum=1e-9),
     Parameter("max_iter", int, 500, "maximum L-BFGS iterations of logreg", minimum=1),
