@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import warnings
 
@@ -161,6 +162,8 @@ def resolve_params(classifier: str, overrides: dict) -> dict:
             raise PipelineError(f"{option} {where}; got it with --classifier {classifier}.")
         parameter = parameters[name]
         value = parameter.kind(value)
+        if not math.isfinite(value):
+            raise PipelineError(f"{parameter.option} must be a finite number; got {value}.")
         if parameter.minimum is not None and value < parameter.minimum:
             raise PipelineError(f"{parameter.option} must be at least {parameter.minimum}; got {value}.")
         if parameter.maximum is not None and value > parameter.maximum:

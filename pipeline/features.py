@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import numpy as np
 
 import pipeline
@@ -131,7 +132,7 @@ class Summary:
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{self.output}: {self.images} images, {self.skipped} skipped, "
-            f"{self.computed} computed in {self.seconds:.1f} s ({rate:.1f} images/s)"
+            f"{self.computed} processed in {self.seconds:.1f} s ({rate:.1f} images/s)"
         )
 
 
@@ -263,6 +264,11 @@ def check_existing_output(request: FeatureRequest) -> None:
         return
     expected = request.provenance()
     if request.output.exists():
+        if not h5py.is_hdf5(request.output):
+            raise PipelineError(
+                f"{request.output} already exists but is not an HDF5 file. Pass --force "
+                f"(make: FORCE=1) to replace it with computed features."
+            )
         try:
             attrs = feature_files.read_attrs(request.output)
         except OSError:
@@ -276,7 +282,9 @@ def check_existing_output(request: FeatureRequest) -> None:
                 f"replaced only when the new one is complete."
             )
     manifest = journal.Journal.read_manifest(request.output)
-    if manifest is not None:
+    if manifest is not None and journal.Journal.has_rows(request.output):
+        # A partial run without rows (it failed before its first batch) is
+        # discarded silently; one with rows is work that --force throws away.
         differences = _differences(expected, manifest)
         if differences:
             raise PipelineError(
@@ -340,6 +348,9 @@ def compute_features(
 
             return ray_engine.compute_features(request, progress=progress)
 
+        # A run killed while writing the HDF5 file leaves its temporary file behind.
+        for stale in request.output.parent.glob(f".{request.output.name}.tmp-*"):
+            stale.unlink()
         run_journal, done = start_journal(request)
         try:
             if done < len(request.refs):
@@ -362,7 +373,8 @@ def start_journal(request: FeatureRequest) -> tuple[journal.Journal, int]:
     """
     manifest = {**request.provenance(), "batch_size": request.batch_size, "n_features": request.backbone.n_features}
     previous = journal.Journal.read_manifest(request.output)
-    resume = bool(previous) and not request.force
+    # check_existing_output let through only a matching partial run or one without rows.
+    resume = bool(previous) and not request.force and not _differences(manifest, previous)
     if resume:
         # Resume with the interrupted run's batches so the features are identical.
         manifest["batch_size"] = int(previous["batch_size"])

@@ -111,6 +111,14 @@ class Journal:
             logger.warning("ignoring the unreadable partial run in %s (%s)", path.parent, error)
             return None
 
+    @staticmethod
+    def has_rows(output: Path) -> bool:
+        """Return whether an interrupted run for ``output`` finished at least one batch."""
+        try:
+            return (partial_dir(output) / "features.bin").stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
     def start(self, resume: bool) -> int:
         """Open the journal for appending and return the number of images done.
 

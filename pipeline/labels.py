@@ -37,7 +37,7 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
     ------
     PipelineError
         If the file is missing, lacks the columns, repeats an id or has an
-        empty breed.
+        empty id or breed.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,6 +59,13 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
     labels = labels[["id", "breed"]].copy()
     labels["id"] = labels["id"].str.strip()
     labels["breed"] = labels["breed"].str.strip()
+
+    empty_ids = (labels.index[labels["id"] == ""] + 2).tolist()
+    if empty_ids:
+        raise PipelineError(
+            f"{path} has {len(empty_ids)} rows with an empty id: lines "
+            f"{format_examples(empty_ids)}. Fill in the image id or delete those rows."
+        )
 
     duplicated = labels["id"][labels["id"].duplicated(keep="first")].unique()
     if len(duplicated):

@@ -115,12 +115,17 @@ def predict_photos(
             f"{'+'.join(source['backbone'] for source in sources)}."
         )
 
-    missing = [path for path in paths if not path.is_file()]
-    failures = {path: "file not found" for path in missing}
+    failures = {
+        path: "is a folder; pass image files" if path.is_dir() else "file not found"
+        for path in paths
+        if not path.is_file()
+    }
     readable = [path for path in paths if path not in failures]
     if not readable:
         return [], failures
 
+    # Keras starts here, with TensorFlow's start-up notices hidden.
+    backbones.gpu_available()
     blocks, ok_sets = [], []
     for source in sources:
         table_row = backbones.get_backbone(source["backbone"])

@@ -54,6 +54,13 @@ def read_template(data: Path, classes: list, feature_ids, skipped_ids) -> tuple[
     if not columns or columns[0] != "id":
         raise PipelineError(f"{sample_path} must start with the column 'id'; found {columns[:3]}.")
 
+    if sample.empty:
+        raise PipelineError(
+            f"{sample_path} has no rows, so the submission would be empty. Use the "
+            f"sample_submission.csv of the competition, or delete it to write the test ids "
+            f"sorted with the breeds in alphabetical order."
+        )
+
     breeds = columns[1:]
     missing = sorted(set(classes) - set(breeds))
     extra = sorted(set(breeds) - set(classes))

@@ -465,7 +465,7 @@ def append_experiment(
         "cv_log_loss_std": f"{summary['log_loss_std']:.5f}",
         "cv_accuracy": f"{summary['accuracy_mean']:.5f}",
         "cv_accuracy_std": f"{summary['accuracy_std']:.5f}",
-        "fit_seconds": f"{fit_seconds:.1f}",
+        "fit_seconds": f"{fit_seconds:.3f}",
         "date": date,
     }
     new_file = not path.exists() or path.stat().st_size == 0

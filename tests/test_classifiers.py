@@ -37,6 +37,9 @@ def test_resolve_params_override_converts_type():
     "classifier, overrides, message",
     [
         ("logreg", {"C": 0.0}, "--C must be at least 1e-09; got 0.0."),
+        ("logreg", {"tol": "nan"}, "--tol must be a finite number; got nan."),
+        ("logreg", {"C": "inf"}, "--C must be a finite number; got inf."),
+        ("lightgbm", {"learning_rate": float("nan")}, "--learning-rate must be a finite number; got nan."),
         ("lightgbm", {"learning_rate": 2.0}, "--learning-rate must be at most 1.0; got 2.0."),
         ("lightgbm", {"valid_fraction": 0.9}, "--valid-fraction must be at most 0.5; got 0.9."),
         ("lightgbm", {"C": 1.0}, "--C applies to logreg only; got it with --classifier lightgbm."),

@@ -274,13 +274,42 @@ def test_partial_run_of_other_features_needs_force(kaggle_layout, tmp_path, monk
     assert summary.computed == 12
 
 
-def test_foreign_file_needs_force(kaggle_layout, tmp_path):
+def test_non_hdf5_output_needs_force(kaggle_layout, tmp_path):
     output = tmp_path / "out/mobilenet/train.h5"
     output.parent.mkdir(parents=True)
     output.write_text("not ours")
 
+    with pytest.raises(PipelineError) as error:
+        run_stage(kaggle_layout, tmp_path / "out", "--splits", "train")
+
+    assert str(error.value) == (
+        f"{output} already exists but is not an HDF5 file. Pass --force (make: FORCE=1) to replace it "
+        f"with computed features."
+    )
+
+
+def test_foreign_hdf5_output_needs_force(kaggle_layout, tmp_path):
+    output = tmp_path / "out/mobilenet/train.h5"
+    output.parent.mkdir(parents=True)
+    with h5py.File(output, "w") as handle:
+        handle["ids"] = np.array([b"a"])
+        handle["features"] = np.ones((1, 256), dtype=np.float32)
+
     with pytest.raises(PipelineError, match=r"already exists but was computed for backbone=None, not 'mobilenet'"):
         run_stage(kaggle_layout, tmp_path / "out", "--splits", "train")
+
+
+def test_failed_run_without_rows_does_not_block(kaggle_layout, tmp_path):
+    bogus = tmp_path / "bogus.h5"
+    with h5py.File(bogus, "w") as handle:
+        handle["layer"] = np.ones(3)
+    with pytest.raises(PipelineError, match="Could not load weights"):
+        run_stage(kaggle_layout, tmp_path / "out", "--splits", "train", "--weights", str(bogus))
+
+    [summary] = run_stage(kaggle_layout, tmp_path / "out", "--splits", "train")
+
+    assert summary.computed == 12
+    assert load(tmp_path / "out").attrs["weights"] == "random"
 
 
 def test_second_writer_fails(kaggle_layout, tmp_path):
@@ -324,8 +353,7 @@ def test_bad_images_are_skipped_and_recorded(kaggle_layout, tmp_path, caplog):
     assert f"empty ({train / 'empty.jpg'}): skipped: empty file" in caplog.text
     assert f"cut ({train / 'cut.jpg'}): truncated file, decoded partially" in caplog.text
     assert f"2 of 17 images could not be decoded and were skipped; they are listed in {skipped_file}" in caplog.text
-    assert "15 computed" not in summary.describe()
-    assert summary.describe().startswith(f"{summary.output}: 17 images, 2 skipped, 17 computed in ")
+    assert summary.describe().startswith(f"{summary.output}: 17 images, 2 skipped, 17 processed in ")
 
 
 def test_missing_labelled_image_is_named(kaggle_layout, tmp_path, caplog):

@@ -174,6 +174,19 @@ def test_error_sample_breeds_differ_from_model(feature_dataset, tmp_path):
         submit(feature_dataset["data"], feature_dataset["features"], feature_dataset["models"], run, tmp_path / "s.csv")
 
 
+def test_error_sample_without_rows(feature_dataset, tmp_path):
+    run = train_tiny(feature_dataset)
+    path = feature_dataset["data"] / "sample_submission.csv"
+    pd.read_csv(path, dtype={"id": str}).head(0).to_csv(path, index=False)
+    message = (
+        f"{path} has no rows, so the submission would be empty. Use the sample_submission.csv of "
+        f"the competition, or delete it to write the test ids sorted with the breeds in alphabetical order."
+    )
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        submit(feature_dataset["data"], feature_dataset["features"], feature_dataset["models"], run, tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_error_sample_id_without_features(feature_dataset, tmp_path):
     run = train_tiny(feature_dataset)
     path = feature_dataset["data"] / "sample_submission.csv"

@@ -227,6 +227,17 @@ def test_error_empty_breeds(feature_dataset):
         train(config_for(feature_dataset))
 
 
+def test_error_empty_ids(feature_dataset):
+    def blank(labels):
+        labels.loc[3, "id"] = ""
+        return labels
+
+    path = _rewrite_labels(feature_dataset, blank)
+    message = f"{path} has 1 rows with an empty id: lines 5. Fill in the image id or delete those rows."
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        train(config_for(feature_dataset))
+
+
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_error_non_finite_features(feature_dataset, bad_value):
     matrix = feature_dataset["matrices"]["beta"][:40].copy()
