@@ -349,7 +349,15 @@ class LightGBMModel:
             "seconds": time.perf_counter() - started,
             "early_stopping_log_loss": float(self.booster.best_score["early_stopping"]["multi_logloss"]),
         }
-        if best >= self.params["max_rounds"]:
+        if best <= 1 and self.params["max_rounds"] > 1:
+            # With fewer rows per leaf than min_data_in_leaf no tree can split,
+            # and the model only predicts the class frequencies.
+            info["warning"] = (
+                f"LightGBM stopped after {best} round, so its trees have hardly any splits; with "
+                f"{len(fit_rows)} training rows lower --min-data-in-leaf (now "
+                f"{self.params['min_data_in_leaf']})"
+            )
+        elif best >= self.params["max_rounds"]:
             info["warning"] = (
                 f"LightGBM was still improving at max_rounds={self.params['max_rounds']}; "
                 f"raise --max-rounds or --learning-rate"

@@ -87,6 +87,19 @@ def test_lightgbm_early_stopping_then_fixed_rounds():
     assert refit.booster.num_trees() == 7 * N_CLASSES
 
 
+def test_lightgbm_warns_when_no_tree_splits():
+    features, labels = tiny_problem(per_class=5)
+    params = classifiers.resolve_params("lightgbm", {"pca_components": 4, "max_rounds": 50})
+
+    info = classifiers.build_classifier("lightgbm", params).fit(features, labels, N_CLASSES)
+
+    assert info["rounds"] == 1
+    assert info["warning"] == (
+        "LightGBM stopped after 1 round, so its trees have hardly any splits; with 16 training rows "
+        "lower --min-data-in-leaf (now 20)"
+    )
+
+
 def test_lightgbm_stops_on_slice_of_training_part(monkeypatch):
     """Early stopping may only see rows of the fold's training part, never the scored part."""
     per_class = 10
