@@ -263,7 +263,7 @@ def _native_stderr_silenced():
 
 @functools.cache
 def gpu_available() -> bool:
-    """Return whether the Keras backend sees a GPU (imports Keras on first call)."""
+    """Return whether the Keras backend finds a GPU (imports Keras on first call)."""
     with _native_stderr_silenced():
         import keras
 

@@ -2,7 +2,7 @@
 
 Images are listed in sorted id order and processed in fixed batches. Worker
 threads read, decode and resize the next batches while the model runs on the
-current one; every finished batch is appended to a journal on disk (see
+current one. Every finished batch is appended to a journal on disk (see
 :mod:`pipeline.journal`), so memory stays flat and a killed run resumes where
 it stopped. When all images are done the journal is turned into the HDF5
 file described in :mod:`pipeline.feature_files`, atomically.

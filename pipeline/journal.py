@@ -154,13 +154,13 @@ class Journal:
         return done
 
     def _rewrite_skipped(self, path: Path, done: int) -> None:
-        kept = []
+        kept_lines = []
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
             parts = line.rstrip("\n").split("\t", 2)
             if line.endswith("\n") and len(parts) == 3 and parts[0].isdigit() and int(parts[0]) < done:
-                kept.append(line)
+                kept_lines.append(line)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_text("".join(kept_lines), encoding="utf-8")
         os.replace(tmp, path)
 
     # --- appending ---------------------------------------------------------

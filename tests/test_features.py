@@ -461,10 +461,10 @@ def offline_message(keras_home, reason):
 def test_offline_download_message_patched(kaggle_layout, tmp_path, isolated_keras_home, monkeypatch):
     import keras
 
-    def refuse(*args, **kwargs):
+    def fail_download(*args, **kwargs):
         raise Exception("URL fetch failure on https://example: None -- [Errno 101] Network is unreachable")
 
-    monkeypatch.setattr(keras.utils, "get_file", refuse)
+    monkeypatch.setattr(keras.utils, "get_file", fail_download)
 
     with pytest.raises(PipelineError) as error:
         run_stage(kaggle_layout, tmp_path / "out", "--weights", "imagenet")
