@@ -4,6 +4,6 @@
 class PipelineError(Exception):
     """A problem with the user's input, files or environment.
 
-    The message must say what failed, on which value, and what to do next.
+    The message states what failed, on which value, and what to do next.
     Internal failures (bugs) use the built-in exception types instead.
     """

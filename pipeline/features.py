@@ -425,7 +425,7 @@ def decode_into(pixels: np.ndarray, offset: int, decode: Callable[[], tuple]) ->
     """Store one decoded image in ``pixels[offset]`` and return (skip reason, note).
 
     ``decode`` returns (pixels, note) or raises DecodeError. The reason is ''
-    when the image was decoded, and the note is '' when it has none; a
+    when the image was decoded, and the note is '' when it has none. A
     skipped image leaves its row of ``pixels`` unchanged.
     """
     try:
